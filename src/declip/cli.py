@@ -27,9 +27,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
     from declip.train.loop import train
 
-    cfg = _load_cfg(args)
     summary = train(cfg, Path(args.out), device=args.device)
     if summary.get("rank", 0) == 0:
         print(json.dumps({k: summary[k] for k in ("steps", "devices", "device_type", "fps")}))
@@ -37,9 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)
     from declip.evaluate import run_eval
 
-    cfg = _load_cfg(args)
     run_eval(cfg, Path(args.checkpoint), Path(args.out), device=args.device, run_dir=args.run_dir)
     return 0
 
