@@ -8,6 +8,7 @@ fail before any work, with a message that names the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -208,10 +209,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             # PyYAML reads `1e-3` (no dot) as a string; accept it as the number it obviously is.
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
