@@ -10,8 +10,12 @@ ratio of DeCLIP's to CLIP's step time says what the extra views and heads cost.
     python benchmarks/train_step.py --batch 128 --steps 20 --device cuda --precision auto \
         --append docs/performance.md
     python benchmarks/train_step.py --quick          # tiny sizes: CI, seconds on a CPU
+    python benchmarks/train_step.py --device cuda --precision amp_bf16 --compile --batch 128
 
-Runs unchanged on CUDA and NPU (bf16 autocast under --precision auto).
+Runs unchanged on CUDA and NPU (bf16 autocast under --precision auto). With --compile the models'
+forward is torch.compile'd (the trainer's `train.compile`); FLOPs are always counted on the eager
+model (a dispatch-mode counter sees no ops inside compiled kernels), and the first two steps, which
+compile, are not timed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ QUICK_MODEL = {
     "vision_heads": 2, "context_length": 16, "text_width": 64, "text_layers": 2, "text_heads": 2,
     "simsiam_dim": 64, "simsiam_pred_dim": 32,
 }  # fmt: skip
+DECLIP = "DeCLIP (2 image + 2 text views, MVS, NNS, SimSiam, MLM)"
+CLIP_MODE = "DeCLIP code, CLIP mode (1 + 1 views, pair loss only)"
+OPEN_CLIP = "open_clip CLIP + ClipLoss"
 CLIP_LOSS = {"image_views": 1, "text_views": 1, "mvs_weight": 1.0, "nns_weight": 0.0, "simsiam_weight": 0.0,
              "mlm_weight": 0.0}  # fmt: skip
 
@@ -63,9 +70,13 @@ def synthetic_tokens(batch: int, length: int, g: torch.Generator) -> torch.Tenso
     return tokens
 
 
-def declip_step(cfg: RunConfig, batch: int, device: torch.device, precision: str) -> Callable[[], None]:
-    """One DeCLIP (or CLIP-mode) training step, built from the trainer's own parts."""
+def declip_step(
+    cfg: RunConfig, batch: int, device: torch.device, precision: str, compile: bool = False
+) -> Callable[..., None]:
+    """One DeCLIP (or CLIP-mode) training step, built from the trainer's own parts; `step(eager=True)`
+    bypasses torch.compile (for FLOP counting)."""
     model = build_model(cfg).to(device).train()
+    compiled = torch.compile(model) if compile else model
     objective = DeCLIPObjective(cfg.loss, cfg.model.embed_dim).to(device)
     opt = build_optimizer(model, cfg, device.type)
     g = torch.Generator().manual_seed(0)
@@ -79,9 +90,9 @@ def declip_step(cfg: RunConfig, batch: int, device: torch.device, precision: str
         labels = full_labels.to(device)[mask]
     texts = [t.to(device) for t in texts]
 
-    def step() -> None:
+    def step(eager: bool = False) -> None:
         with autocast(device, precision):
-            out = model(images, texts, mask)
+            out = (model if eager else compiled)(images, texts, mask)
         objective(out, labels)["loss"].backward()
         clamp_logit_scale(model, cfg.loss.logit_scale_clamp)
         opt.step()
@@ -91,7 +102,9 @@ def declip_step(cfg: RunConfig, batch: int, device: torch.device, precision: str
     return step
 
 
-def open_clip_step(batch: int, device: torch.device, precision: str, quick: bool) -> Callable[[], None]:
+def open_clip_step(
+    batch: int, device: torch.device, precision: str, quick: bool, compile: bool = False
+) -> Callable[..., None]:
     """open_clip's ViT-B-32 with its ClipLoss and a plain AdamW (same betas/eps/decay as ours)."""
     import open_clip
 
@@ -107,6 +120,7 @@ def open_clip_step(batch: int, device: torch.device, precision: str, quick: bool
         model = open_clip.create_model("ViT-B-32", pretrained=None)
         size, length = 224, 77
     model = model.to(device).train()
+    compiled = torch.compile(model) if compile else model
     loss_fn = open_clip.loss.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1,
                             fused=device.type == "cuda")  # fmt: skip
@@ -114,9 +128,9 @@ def open_clip_step(batch: int, device: torch.device, precision: str, quick: bool
     images = torch.randn(batch, 3, size, size, generator=g).to(device)
     texts = synthetic_tokens(batch, length, g).clamp(max=49407).to(device)
 
-    def step() -> None:
+    def step(eager: bool = False) -> None:
         with autocast(device, precision):
-            image_features, text_features, logit_scale = model(images, texts)[:3]
+            image_features, text_features, logit_scale = (model if eager else compiled)(images, texts)[:3]
             loss = loss_fn(image_features, text_features, logit_scale)
         loss.backward()
         opt.step()
@@ -125,11 +139,13 @@ def open_clip_step(batch: int, device: torch.device, precision: str, quick: bool
     return step
 
 
-def measure(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float]:
-    """(seconds per step, FLOPs of one step): one warmup step, one counted step, then `steps` timed."""
-    step()
+def measure(step: Callable[..., None], steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per step, FLOPs of one step): one counted eager step, two warmup steps (compile, autotuning,
+    allocator), then `steps` timed."""
     with FlopCounterMode(display=False) as counter:
-        step()
+        step(eager=True)
+    step()
+    step()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -139,6 +155,7 @@ def measure(step: Callable[[], None], steps: int, device: torch.device) -> tuple
 
 
 def matmul_flops_per_s(device: torch.device, precision: str, n: int, reps: int = 3) -> float:
+    """FLOP/s of an n^3 matmul in the step's dtype: the reference for 'fraction of peak' (MFU)."""
     dtype = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -151,6 +168,12 @@ def matmul_flops_per_s(device: torch.device, precision: str, n: int, reps: int =
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def matmul_peak(device: torch.device, precision: str, quick: bool) -> float:
+    if device.type == "cpu":
+        return matmul_flops_per_s(device, precision, 1024 if quick else 4096)
+    return matmul_flops_per_s(device, precision, 2048 if quick else 8192, reps=20)  # long enough to time
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(detect_device_type(args.device))
     if device.type != "cpu":
@@ -160,14 +183,16 @@ def run(args: argparse.Namespace) -> dict:
     model = QUICK_MODEL if args.quick else {}
     declip = config_from_dict({"model": model})
     clip = config_from_dict({"model": model, "loss": CLIP_LOSS})
-    peak = matmul_flops_per_s(device, precision, 1024 if args.quick else 4096)
+    peak = matmul_peak(device, precision, args.quick)
+    c = args.compile
     systems = {
-        "DeCLIP (2 image + 2 text views, MVS, NNS, SimSiam, MLM)": declip_step(declip, args.batch, device, precision),
-        "DeCLIP code, CLIP mode (1 + 1 views, pair loss only)": declip_step(clip, args.batch, device, precision),
-        "open_clip CLIP + ClipLoss": open_clip_step(args.batch, device, precision, args.quick),
+        DECLIP: lambda: declip_step(declip, args.batch, device, precision, c),
+        CLIP_MODE: lambda: declip_step(clip, args.batch, device, precision, c),
+        OPEN_CLIP: lambda: open_clip_step(args.batch, device, precision, args.quick, c),
     }
     rows = []
-    for name, step in systems.items():
+    for name, build in systems.items():
+        step = build()  # one model in memory at a time
         seconds, flops = measure(step, args.steps, device)
         rows.append({
             "system": name, "samples_per_s": args.batch / seconds, "step_s": seconds,
@@ -181,6 +206,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "steps": args.steps,
         "precision": precision,
+        "compile": args.compile,
         "quick": args.quick,
         "matmul_gflop_per_s": peak / 1e9,
         "torch": torch.__version__,
@@ -197,7 +223,7 @@ def device_name(device: torch.device) -> str:
 def markdown(result: dict) -> str:
     head = (
         f"### Training step, {'tiny models (--quick)' if result['quick'] else 'ViT-B/32'}, {result['device']}, "
-        f"batch {result['batch']} per device, {result['precision']}\n\n"
+        f"batch {result['batch']} per device, {result['precision']}{', compiled' if result['compile'] else ''}\n\n"
         f"{result['date']}, torch {result['torch']}, {result['steps']} timed steps on synthetic inputs; "
         f"matmul reference {result['matmul_gflop_per_s']:.0f} GFLOP/s.\n\n"
         "| system | samples/s | GFLOP/step | achieved GFLOP/s | of matmul peak |\n| --- | --- | --- | --- | --- |\n"
@@ -217,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", choices=["npu", "cuda", "cpu"], help="default: detected")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "amp_fp16", "amp_bf16"])
     p.add_argument("--quick", action="store_true", help="tiny model sizes (CI)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models' forward")
     p.add_argument("--append", type=Path, help="append the Markdown table to this file")
     args = p.parse_args(argv)
     result = run(args)

@@ -78,6 +78,11 @@ class DataConfig:
     eda: bool = doc("EDA text augmentation for the second text view", default=True)
     workers: int = doc("DataLoader worker processes per rank", default=8)
     fast_decode: bool = doc("reduced-size JPEG decode when the crop allows it", default=True)
+    device_augment: bool = doc(
+        "colour jitter, grayscale, blur and normalisation run batched on the training device; the host only "
+        "decodes, crops, resizes and flips (on for NPU/GPU; no gain on a CPU-only run, docs/performance.md)",
+        default=True,
+    )
 
     def path(self, name: str) -> Path:
         """Resolve one of the file keys against dataset_dir (absolute paths stay)."""

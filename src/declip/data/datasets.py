@@ -71,7 +71,9 @@ class TrainDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         self.paths = ImagePaths(self.root)
         self.seed = seed
-        self.transform = TwoViewTransform(cfg.model.image_size, cfg.data.fast_decode, cfg.loss.image_views)
+        self.transform = TwoViewTransform(
+            cfg.model.image_size, cfg.data.fast_decode, cfg.loss.image_views, cfg.data.device_augment
+        )
         self.tokenizer = Tokenizer(resolve_bpe_path(cfg.data), cfg.model.context_length)
         self.mlm_probability = cfg.loss.mlm_probability if cfg.loss.mlm_weight > 0 else None
         self.text_views = cfg.loss.text_views
@@ -123,11 +125,14 @@ class TrainDataset(torch.utils.data.Dataset):
             images = self.transform(path, torch.Generator().manual_seed(image_seed))
         except LOAD_ERRORS as e:
             raise SampleError(f"{where}: image {path}: {type(e).__name__}: {e}") from e
+        item = {}
+        if isinstance(images, tuple):  # data.device_augment: uint8 views + colour parameters
+            images, item["aug_params"] = images
         captions = [caption]
         if self.text_views == 2:
             captions.append(self.eda(caption, random.Random(eda_seed)) if self.eda is not None else caption)
         tokens = self.tokenizer(captions)
-        item = {"images": images, "text": tokens[0]}
+        item.update(images=images, text=tokens[0])
         if self.mlm_probability is not None:
             masked, labels = mask_tokens(
                 tokens[0], torch.Generator().manual_seed(mask_seed), probability=self.mlm_probability
@@ -139,7 +144,8 @@ class TrainDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack items: images (B, V, 3, H, W), text/mlm_labels/text_eda (B, L), replaced/index (B,)."""
+    """Stack items: images (B, V, 3, H, W), text/mlm_labels/text_eda (B, L), replaced/index (B,);
+    with data.device_augment images are uint8 and aug_params (B, V, COLOR_PARAMS) float32 comes along."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 

@@ -18,6 +18,12 @@ Blur kernel: torchvision/SimCLR convention, 10% of the output size rounded up to
 (23 at 224, 7 at 64). The reference blurs with PIL's radius=sigma filter, whose support is
 unbounded; at 224 px and sigma <= 2 the 23-tap kernel covers +-5.5 sigma, a negligible difference.
 
+With `device_augment` the transform stops after crop, resize and flip: it returns the uint8 views
+and each view's colour parameters (`ViewParams.vector()`, drawn by the same `ViewParams` in the same
+order, so the random stream is identical), and `declip.data.device_augment.apply` does the colour
+ops, blur and normalisation batched on the training device. Flipping before instead of after the
+colour ops and blur changes nothing (they are per pixel, or mirror-symmetric with reflect padding).
+
 All randomness comes from the `torch.Generator` passed in, never from a global RNG.
 """
 
@@ -107,24 +113,25 @@ def to_float(img: Image.Image) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std per channel, as one fused multiply-add."""
-    return torch.addcmul(_SHIFT, x, _SCALE)
+    """(x - mean) / std per channel of (..., 3, H, W), as one fused multiply-add (on x's device)."""
+    return torch.addcmul(_SHIFT.to(x.device), x, _SCALE.to(x.device))
 
 
-def adjust_hue(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Rotate the HSV hue of a (3, H, W) float image in [0, 1] by `factor` turns.
+def adjust_hue(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of a (..., 3, H, W) float image in [0, 1] by `factor` turns.
 
+    `factor` is a number or a tensor broadcastable to (..., 1, 1, 1) (one per image of a batch).
     The same result as torchvision's `adjust_hue` (HSV round trip) in a fraction of its ops:
     V = max and S * V = max - min are kept, only the hue moves (closed-form HSV -> RGB).
     """
-    r, g, b = x
-    maxc, minc = x.amax(0), x.amin(0)
+    r, g, b = x.unbind(-3)
+    maxc, minc = x.amax(-3, keepdim=True), x.amin(-3, keepdim=True)
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    is_r, is_g = maxc == r, maxc == g
-    diff = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    is_r, is_g = maxc == r.unsqueeze(-3), maxc == g.unsqueeze(-3)
+    diff = torch.where(is_r, (g - b).unsqueeze(-3), torch.where(is_g, (b - r).unsqueeze(-3), (r - g).unsqueeze(-3)))
     sector = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
-    k = _HUE_N + (diff / safe + sector + factor * 6)  # hue in sextants, shifted; reduced mod 6 below
+    k = _HUE_N.to(x.device) + (diff / safe + sector + factor * 6)  # hue in sextants, shifted; reduced mod 6 below
     k = k - 6 * torch.floor(k / 6)  # (cheaper than torch.remainder)
     return maxc - delta * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
@@ -184,6 +191,14 @@ class ViewParams:
         self.sigma = _uniform(g, *SIGMA) if float(torch.rand((), generator=g)) < P_BLUR else None
         self.flip = float(torch.rand((), generator=g)) < P_FLIP
 
+    def vector(self) -> list[float]:
+        """The colour/blur choices as `COLOR_PARAMS` numbers (layout: `declip.data.device_augment`)."""
+        order, b, c, s, h = self.jitter or ([0, 1, 2, 3], 1.0, 1.0, 1.0, 0.0)
+        return [float(self.jitter is not None), *map(float, order), b, c, s, h, float(self.gray), self.sigma or 0.0]
+
+
+COLOR_PARAMS = 11  # length of ViewParams.vector()
+
 
 def draft_scale(boxes: list[tuple[int, int, int, int]], size: int) -> int:
     """Largest JPEG DCT reduction (1, 2, 4, 8) at which every crop keeps >= size pixels per side."""
@@ -212,17 +227,22 @@ def _color(img: torch.Tensor, p: ViewParams) -> torch.Tensor:
 
 
 class TwoViewTransform:
-    """(path or bytes, generator) -> (views, 3, size, size) float32: the reference's MoCo-v2 views."""
+    """(path or bytes, generator) -> (views, 3, size, size) float32: the reference's MoCo-v2 views.
 
-    def __init__(self, size: int, fast_decode: bool = True, views: int = 2):
+    With `device_augment`: -> ((views, 3, size, size) uint8 cropped, resized and flipped,
+    (views, COLOR_PARAMS) float32 colour parameters) for `declip.data.device_augment.apply`.
+    """
+
+    def __init__(self, size: int, fast_decode: bool = True, views: int = 2, device_augment: bool = False):
         if views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {views}")
         self.size = size
         self.fast_decode = fast_decode
         self.views = views
+        self.device_augment = device_augment
         self.kernel_size = blur_kernel_size(size)
 
-    def __call__(self, src: Source, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, src: Source, generator: torch.Generator) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         with open_image(src) as img:
             width, height = img.size
             params = [ViewParams(width, height, generator) for _ in range(self.views)]
@@ -232,13 +252,19 @@ class TwoViewTransform:
                 if scale > 1:
                     img.draft("RGB", (width // scale, height // scale))
             rgb = to_rgb(img)
-            return torch.stack([self._view(rgb, p, width, height) for p in params])
+            views = torch.stack([self._view(rgb, p, width, height) for p in params])
+        if self.device_augment:
+            return views, torch.tensor([p.vector() for p in params], dtype=torch.float32)
+        return views
 
     def _view(self, img: Image.Image, p: ViewParams, width: int, height: int) -> torch.Tensor:
         top, left, h, w = p.box
         sx, sy = img.width / width, img.height / height  # 1 unless decoded at a reduced scale
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         view = img.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+        if self.device_augment:
+            u8 = F.pil_to_tensor(view)
+            return u8.flip(-1) if p.flip else u8
         x = normalize(_color(to_float(view), p))
         if p.sigma is not None:
             # Blurring after normalisation equals blurring before it: the kernel sums to 1 and the

@@ -12,7 +12,11 @@ Host syncs: one per step, the non-finite guard, a 1-element all-reduce (MAX) of 
 plus its `.item()`, so every rank takes the same branch. It costs one small collective and one drain
 of the launch queue per step (tens of microseconds to a millisecond, against steps of hundreds of
 ms at the reference size); the step time measured on the host is honest because of it. Metrics are
-reduced only every `train.log_every` steps (one all-reduce of a packed vector).
+reduced only every `train.log_every` steps (one all-reduce of a packed vector). Measured cost of the guard
+and the alternatives considered: docs/performance.md ("Step optimisations", "Findings").
+
+With `data.device_augment` the batch arrives as uint8 views plus colour parameters; the views are copied
+(non-blocking, from pinned memory) and augmented batched on the device, inside the data time.
 
 Metrics (metrics.jsonl, MLflow): `loss` (weighted total), each active term (`mvs`, `nns`, `simsiam`,
 `mlm`), `i2t_top1`, `nn_bank_fill` (NNS only): means over ranks at the logged step; `lr`,
@@ -44,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from declip.config import RunConfig, flatten, save_config
+from declip.data import device_augment
 from declip.errors import InputError
 from declip.model import build_model, unwrap_model
 from declip.objective import DeCLIPObjective
@@ -149,7 +154,13 @@ def _logger(out_dir: Path, enabled: bool) -> logging.Logger:
 
 
 def _batch_to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Copy the batch to the device; with data.device_augment the uint8 views are augmented there (the
+    colour parameters stay on the host, which plans the batched ops without a sync)."""
+    params = batch.pop("aug_params", None)
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if params is not None:
+        out["images"] = device_augment.apply(out["images"], params)
+    return out
 
 
 def _inject_at() -> int | None:
