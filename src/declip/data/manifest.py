@@ -220,8 +220,8 @@ def parse_train_record(obj: dict[str, Any], where: str) -> tuple[str, str]:
         caption = caption[0]
     if not isinstance(caption, str):
         raise RecordError("bad_caption", f"{where}: caption must be a string, got {type(caption).__name__}")
-    if not caption.strip():
-        raise RecordError("empty_caption", f"{where}: caption is empty")
+    if not any(c.isprintable() and not c.isspace() for c in caption):
+        raise RecordError("empty_caption", f"{where}: caption is empty (nothing but whitespace or control characters)")
     filename = obj["filename"]
     if not isinstance(filename, str) or not filename:
         raise RecordError("bad_filename", f"{where}: filename must be a non-empty string, got {filename!r}")

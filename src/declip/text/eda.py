@@ -24,6 +24,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 
 from declip.text.nltk_setup import check_corpora, english_stopwords, open_wordnet
+from declip.text.tokenizer import MAX_TEXT_CHARS
 
 DELETE_PROB = 0.1
 SYNONYM_CACHE_SIZE = 1 << 16
@@ -108,6 +109,8 @@ class EDA:
 
     def __call__(self, caption: str, rng: random.Random) -> str:
         self._load()
+        # The tokenizer reads no further; a hostile 1 MB caption must not cost a worker a synonym lookup per word.
+        caption = caption[:MAX_TEXT_CHARS]
         op = rng.randrange(3)
         if op == 0:
             return synonym_replacement(caption, rng, self._synonyms, self._stop_words)

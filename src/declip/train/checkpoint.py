@@ -11,9 +11,11 @@ torn one; leftover tmp files are ignored and removed on the next resume.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +41,37 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC/EFBIG/EDQUOT error behind `e` (torch.save wraps it in a RuntimeError), else None."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call `write(file)` on a tmp file beside `path`, then atomically put it in place."""
+    """Call `write(file)` on a tmp file beside `path`, then atomically put it in place.
+
+    A failed write removes its tmp file and leaves `path` as it was; a full disk (or file size limit) is an
+    InputError naming the path and the free space."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if (full := _disk_full(e)) is None:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise InputError(
+            f"cannot write {path}: {full.strerror} ({free / 2**20:.1f} MiB free in {path.parent}); {kept}"
+        ) from None
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 

@@ -19,6 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from declip.errors import InputError
+
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 
 
@@ -52,9 +54,9 @@ def detect_device_type(override: str | None = None) -> str:
         if override not in BACKENDS:
             raise ValueError(f"--device must be one of {sorted(BACKENDS)}, got {override!r}")
         if override == "npu" and not npu_available():
-            raise RuntimeError("--device npu: torch_npu does not import or sees no NPU (see docs/ascend.md)")
+            raise InputError("--device npu: torch_npu does not import or sees no NPU (see docs/ascend.md)")
         if override == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is visible")
+            raise InputError("--device cuda: no CUDA device is visible")
         return override
     if npu_available():
         return "npu"
