@@ -85,9 +85,20 @@ def test_every_key_is_documented_and_yaml_round_trips(tmp_path):
 
 def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "declip", "train", "--config", str(ROOT / "config/declip_tiny.yaml"),
-         "--set", "train.batch_size=-1", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "declip",
+            "train",
+            "--config",
+            str(ROOT / "config/declip_tiny.yaml"),
+            "--set",
+            "train.batch_size=-1",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0

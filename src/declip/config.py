@@ -69,11 +69,15 @@ class LossConfig:
 @dataclass
 class DataConfig:
     dataset_dir: str = doc("dataset folder laid out as the seed's ./dataset", default="./dataset")
-    train_meta: str = doc("training manifest (JSON Lines), relative to dataset_dir", default="yfcc15m_clean_open_data.json")
+    train_meta: str = doc(
+        "training manifest (JSON Lines), relative to dataset_dir", default="yfcc15m_clean_open_data.json"
+    )
     train_root: str = doc("training image folder, relative to dataset_dir", default="yfcc15m_clean_open_data")
     val_meta: str = doc("zero-shot manifest (JSON Lines), relative to dataset_dir", default="val_official.json")
     val_root: str = doc("zero-shot image folder, relative to dataset_dir", default="imagenet_val")
-    bpe_vocab: str = doc("BPE vocab relative to dataset_dir; the packaged copy when absent", default="bpe_simple_vocab_16e6.txt.gz")
+    bpe_vocab: str = doc(
+        "BPE vocab relative to dataset_dir; the packaged copy when absent", default="bpe_simple_vocab_16e6.txt.gz"
+    )
     nltk_dir: str = doc("NLTK data folder prepared by `declip setup-nltk`", default="resources/nltk_data")
     eda: bool = doc("EDA text augmentation for the second text view", default=True)
     workers: int = doc("DataLoader worker processes per rank", default=8)
@@ -132,7 +136,9 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    templates: Literal["prompt80", "simple"] = doc("prompt set: CLIP's 80 ImageNet templates or one", default="prompt80")
+    templates: Literal["prompt80", "simple"] = doc(
+        "prompt set: CLIP's 80 ImageNet templates or one", default="prompt80"
+    )
     batch_size: int = doc("images per device per eval batch", default=256)
     class_names: Literal["meta", "imagenet"] = doc(
         "class names from val meta label_name, or the standard 1000 ImageNet names", default="meta"

@@ -29,7 +29,9 @@ from typing import Any
 from declip.data.manifest import RecordError, parse_json_object, parse_train_record
 from declip.errors import InputError
 
-MAX_PIXELS = 100_000_000  # 10k x 10k: larger images count as decompression bombs (`too_large`)
+# 10k x 10k: larger images count as decompression bombs (`too_large`); the loaders refuse them too.
+MAX_PIXELS = 100_000_000
+
 EXAMPLES = 5
 _MIN_CHUNK = 1 << 20
 

@@ -39,6 +39,8 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
+from declip.data.check import MAX_PIXELS
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -52,8 +54,11 @@ Source = str | Path | bytes
 
 
 def open_image(src: Source) -> Image.Image:
-    """Lazily open a path or encoded bytes (only the header is read)."""
-    return Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+    """Lazily open a path or encoded bytes (only the header is read); refuse bomb-sized images before decoding."""
+    img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+    if img.width * img.height > MAX_PIXELS:
+        raise ValueError(f"{img.width}x{img.height} image exceeds {MAX_PIXELS} pixels (decompression bomb)")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

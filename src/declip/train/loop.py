@@ -37,11 +37,13 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -189,6 +191,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, env.device_type)
         self.scaler = torch.amp.GradScaler(env.device_type, enabled=self.precision == "amp_fp16")
         self.state = TrainState()
+        # Training draws no numbers from the global generators (per-sample seeds do that); seeding them
+        # anyway makes fresh runs' checkpoints identical, RNG entries included.
+        random.seed(cfg.train.seed + env.rank)
+        np.random.seed(cfg.train.seed + env.rank)
         self.inject_at = _inject_at()
         self.replaced_acc = torch.zeros((), dtype=torch.long, device=env.device)
         self.last_metrics: dict[str, float] = {}
