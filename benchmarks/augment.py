@@ -11,7 +11,6 @@ PIL full decode once, `torchvision.transforms.Compose` of the v1 ops applied per
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_data import append_row, machine  # noqa: E402 (the shared Markdown row helpers)
+from common import report  # noqa: E402 (the shared Markdown row helpers)
 
 from declip.data.transforms import MEAN, STD, TwoViewTransform, blur_kernel_size  # noqa: E402
 
@@ -108,14 +107,10 @@ def main() -> None:
         f"{r_ours:,.1f} vs {r_base:,.1f} two-view samples/s per core at {args.size} px: **{ratio:.2f}x** "
         f"(best of 3 x {samples} samples)"
     )
-    date = datetime.date.today().isoformat()
-    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
-    row = f"| {date} | augment: ours vs torchvision | {result} | >= {GOAL}x | {machine()} | `{command}` |"
-    print("| date | benchmark | result | goal | machine | command |\n| --- | --- | --- | --- | --- | --- |")
-    print(row)
-    print(f"goal {'met' if ratio >= GOAL else 'NOT met'}: {ratio:.2f}x vs {GOAL}x (OMP threads: 1, pid {os.getpid()})")
-    if args.append:
-        append_row(args.append, row)
+    verdict = (
+        f"goal {'met' if ratio >= GOAL else 'NOT met'}: {ratio:.2f}x vs {GOAL}x (OMP threads: 1, pid {os.getpid()})"
+    )
+    report("augment: ours vs torchvision", result, f">= {GOAL}x", verdict, args.append)
 
 
 if __name__ == "__main__":

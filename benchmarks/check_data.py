@@ -10,41 +10,16 @@ missing ones, and 1 in 1000 lines is broken JSON. Goal: >= 20k lines/s per core.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import random
-import sys
 import tempfile
 from pathlib import Path
+
+from common import report  # noqa: E402 (benchmarks/ is on sys.path when run as a script)
 
 from declip.data.check import check_data
 
 GOAL = 20_000
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} cores"
-
-
-def append_row(path: Path, row: str) -> None:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            "# Performance\n\nMeasured numbers, one row per benchmark run (appended by `benchmarks/*.py --append`).\n\n"
-            "| date | benchmark | result | goal | machine | command |\n| --- | --- | --- | --- | --- | --- |\n"
-        )
-    with open(path, "a") as f:
-        f.write(row + "\n")
 
 
 def make_world(d: Path, lines: int, files: int = 5000) -> tuple[Path, Path]:
@@ -102,14 +77,8 @@ def main() -> None:
         f"{per_core:,.0f} lines/s per core ({summary['total']:,} lines, {args.workers} worker(s), "
         f"{summary['wall_time_s']:.1f} s)"
     )
-    date = datetime.date.today().isoformat()
-    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
-    row = f"| {date} | check-data (stat mode) | {result} | >= {GOAL:,} lines/s per core | {machine()} | `{command}` |"
-    print("| date | benchmark | result | goal | machine | command |\n| --- | --- | --- | --- | --- | --- |")
-    print(row)
-    print(f"goal {'met' if per_core >= GOAL else 'NOT met'}: {per_core:,.0f} vs {GOAL:,} lines/s per core")
-    if args.append:
-        append_row(args.append, row)
+    verdict = f"goal {'met' if per_core >= GOAL else 'NOT met'}: {per_core:,.0f} vs {GOAL:,} lines/s per core"
+    report("check-data (stat mode)", result, f">= {GOAL:,} lines/s per core", verdict, args.append)
 
 
 if __name__ == "__main__":

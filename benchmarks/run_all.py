@@ -42,7 +42,8 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step as ts  # noqa: E402
 from augment import baseline, photo, rates  # noqa: E402
-from check_data import machine, make_world  # noqa: E402
+from check_data import make_world  # noqa: E402
+from common import machine  # noqa: E402
 
 from declip.config import config_from_dict, load_config  # noqa: E402
 from declip.data import device_augment  # noqa: E402

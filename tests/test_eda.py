@@ -5,6 +5,7 @@ import random
 
 import nltk
 import pytest
+from corpora import needs_debian_wordnet
 
 from declip.errors import InputError
 from declip.text.eda import (
@@ -15,12 +16,9 @@ from declip.text.eda import (
     synonym_replacement,
     synonyms_from_lemmas,
 )
-from declip.text.nltk_setup import DEBIAN_WORDNET_DIR, WORDNET_FILES, english_stopwords, open_wordnet, setup_nltk
+from declip.text.nltk_setup import english_stopwords, open_wordnet, setup_nltk
 
-pytestmark = pytest.mark.skipif(
-    not all((DEBIAN_WORDNET_DIR / f).is_file() for f in WORDNET_FILES),
-    reason="needs Debian's wordnet-base and wordnet-sense-index (/usr/share/wordnet)",
-)
+pytestmark = needs_debian_wordnet
 
 CAPTIONS = [
     "a brown dog runs on the green grass near the old barn",

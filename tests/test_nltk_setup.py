@@ -9,12 +9,12 @@ from pathlib import Path
 import nltk
 import pytest
 import stopwords as pypi_stopwords
+from corpora import needs_debian_wordnet
 
 from declip.errors import InputError
 from declip.text.nltk_setup import (
     DEBIAN_WORDNET_DIR,
     LEXNAMES,
-    WORDNET_FILES,
     english_stopwords,
     host_reachable,
     lexnames_text,
@@ -22,10 +22,7 @@ from declip.text.nltk_setup import (
     setup_nltk,
 )
 
-pytestmark = pytest.mark.skipif(
-    not all((DEBIAN_WORDNET_DIR / f).is_file() for f in WORDNET_FILES),
-    reason="needs Debian's wordnet-base and wordnet-sense-index (/usr/share/wordnet)",
-)
+pytestmark = needs_debian_wordnet
 
 
 @pytest.fixture(autouse=True)

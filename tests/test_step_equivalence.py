@@ -10,10 +10,10 @@ torch.compile vs eager is not tested here: compiling the tiny model's forward an
 
 import io
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from imaging import encode, photo
 from PIL import Image
 
 from declip.config import load_config
@@ -27,22 +27,9 @@ from declip.train.loop import _batch_to_device
 SEEDS = range(24)
 
 
-def photo(w, h, seed):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([x / w * 200 + 30, y / h * 180 + 40, (x + y) / (w + h) * 150 + 60], -1)
-    for _ in range(5):
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.2) * w
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r**2] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 8, img.shape)
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def jpegs():
-    return [photo(200, 150, 0), photo(160, 210, 1)]
+    return [encode(photo(200, 150, 0, noise=8), quality=90), encode(photo(160, 210, 1, noise=8), quality=90)]
 
 
 def test_device_augment_equals_host_path(jpegs):

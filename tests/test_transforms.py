@@ -5,6 +5,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as F
+from imaging import encode, photo
 from PIL import Image
 
 from declip.data.transforms import (
@@ -25,24 +26,6 @@ from declip.data.transforms import (
 
 LO = [(0 - m) / s for m, s in zip(MEAN, STD, strict=True)]
 HI = [(1 - m) / s for m, s in zip(MEAN, STD, strict=True)]
-
-
-def photo(w, h, seed=0):
-    """Photograph-like content: smooth gradients, a few shapes, mild noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([x / w * 200 + 30, y / h * 180 + 40, (x + y) / (w + h) * 150 + 60], -1)
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.05, 0.2) * w
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r**2] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 4, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def encode(img, fmt="JPEG", **kw):
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
