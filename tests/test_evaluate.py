@@ -1,7 +1,6 @@
 """Zero-shot evaluation: exact top-1/top-5 counts through the real scoring path, sharding, `declip eval`."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from ports import free_port
 from safetensors.torch import save_file
 from torch import nn
 
@@ -161,12 +161,6 @@ def _shard_worker(rank: int, world: int, port: int, root: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_eval_of_an_odd_val_set_equals_single_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -177,7 +171,7 @@ def test_two_process_eval_of_an_odd_val_set_equals_single_process(tmp_path, monk
     assert single["images"] == 7 and single["top1"] == 100.0 * n1 / 7 and single["top5"] == 100.0 * n5 / 7
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    mp.spawn(_shard_worker, args=(2, _free_port(), str(tmp_path), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_shard_worker, args=(2, free_port(), str(tmp_path), str(out_dir)), nprocs=2, join=True)
     keys = ("top1", "top5", "images", "classes", "templates")
     for rank in range(2):
         shard = json.loads((out_dir / f"rank{rank}.json").read_text())

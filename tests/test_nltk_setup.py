@@ -1,7 +1,6 @@
 """`declip setup-nltk`: offline build, corpus zips, NLTK's data path, idempotence, clear failures."""
 
 import json
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -10,6 +9,7 @@ import nltk
 import pytest
 import stopwords as pypi_stopwords
 from corpora import needs_debian_wordnet
+from ports import free_port
 
 from declip.errors import InputError
 from declip.text.nltk_setup import (
@@ -195,9 +195,7 @@ def test_missing_from_path_is_named(tmp_path):
 
 def test_download_probe_is_bounded():
     # An unresolvable name and a closed loopback port: the probe answers False quickly, never hangs.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
+    closed_port = free_port()
     for url in ("https://nltk-probe.invalid/index.xml", f"https://127.0.0.1:{closed_port}/index.xml"):
         t0 = time.perf_counter()
         assert host_reachable(url, timeout=0.5) is False

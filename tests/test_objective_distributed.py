@@ -1,6 +1,5 @@
 """Two gloo ranks must train exactly like one process on the concatenated batch (catches a wrong gather)."""
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ports import free_port
 from torch import nn
 
 from declip.config import LossConfig
@@ -81,12 +81,6 @@ def _worker(rank: int, port: int, payload: dict, out_dir: str) -> None:
         torch.save({**result, "x_grad": x.grad}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

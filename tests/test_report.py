@@ -4,11 +4,11 @@ import base64
 import json
 import math
 import re
-import socket
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from ports import free_port
 
 from declip.config import TrackingConfig, load_config, save_config
 from declip.errors import InputError
@@ -126,15 +126,9 @@ def test_not_a_run_folder(tmp_path):
         write_report([tmp_path / "empty"], tmp_path / "report")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_down_never_fails_the_report(tmp_path):
     make_run(tmp_path / "run")
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     paths = write_report([tmp_path / "run"], tmp_path / "report", tracking_uri=uri)
     assert paths["html"].is_file() and "unreachable" in paths["mlflow"]
     assert f"MLflow at {uri} is unreachable" in paths["html"].read_text()

@@ -2,7 +2,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from declip.config import load_config
 from declip.errors import InputError
@@ -59,9 +59,7 @@ def test_missing_dataset_is_an_input_error(tmp_path):
 def test_skip_policy_with_a_dead_mlflow_server_then_push(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(INJECT_ENV, "3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     cfg = cfg_for(data, "train.max_steps=4", "checkpoint.every_steps=100", "train.nonfinite_policy=skip",
                   "tracking.enabled=true", f"tracking.uri={dead}")  # fmt: skip
     run = tmp_path / "run"
@@ -127,9 +125,7 @@ def test_stop_policy_and_rollback_without_checkpoint_raise(data, tmp_path, monke
 
 
 def torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master-port", str(port),
            "-m", "declip", "train", "--config", str(TINY), "--device", "cpu", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": ""}

@@ -5,25 +5,19 @@ torchrun command lines, a free loopback port."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ports import free_port  # noqa: E402
 from test_train import TINY, cli_sets, kill_tree, overrides  # noqa: E402
 
 from declip.train.loop import INJECT_ENV  # noqa: E402
 
-__all__ = ["TINY", "cli_sets", "kill_tree", "overrides"]
+__all__ = ["TINY", "cli_sets", "free_port", "kill_tree", "overrides"]
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:
